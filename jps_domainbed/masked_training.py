@@ -114,9 +114,9 @@ class DenseMaskedUpdate(MaskedUpdate):
             param.requires_grad_(False)
         for name, param in self._masked.items():
             param.requires_grad_(True)
-            keep = self._dense_masks[name]
             self._hook_handles.append(param.register_hook(
-                lambda grad, keep=keep: torch.where(keep, grad, torch.zeros_like(grad))))
+                lambda grad, name=name: torch.where(self._on_device(name, grad.device)[0], grad,
+                                                    torch.zeros_like(grad))))
 
     def parameters(self) -> List[torch.Tensor]:
         return list(self._masked.values())
@@ -129,11 +129,23 @@ class DenseMaskedUpdate(MaskedUpdate):
         self._hook_handles.append(
             optimizer.register_step_post_hook(lambda *_: self.restore_frozen()))
 
+    def _on_device(self, name: str, device: torch.device):
+        """Return (mask, pretrained copy) of ``name`` on ``device``.
+
+        The backbone may move, as DomainBed's ``algorithm.to(device)`` does
+        after construction, so the copies follow it on first use.
+        """
+        if self._frozen[name].device != device:
+            self._frozen[name] = self._frozen[name].to(device)
+            self._dense_masks[name] = self._dense_masks[name].to(device)
+        return self._dense_masks[name], self._frozen[name]
+
     @torch.no_grad()
     def restore_frozen(self) -> None:
         """Copy the pretrained values back into every non-selected entry."""
         for name, param in self._masked.items():
-            param.copy_(torch.where(self._dense_masks[name], param, self._frozen[name]))
+            keep, frozen = self._on_device(name, param.device)
+            param.copy_(torch.where(keep, param, frozen))
 
     def selected_values(self) -> Dict[str, torch.Tensor]:
         return {name: param.detach().flatten()[self.mask.indices[name].to(param.device)].clone()
