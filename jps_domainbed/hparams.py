@@ -62,7 +62,7 @@ def jps_hparams(dataset: str) -> HParams:
         "jps_selection_batches": (8, lambda r: int(r.choice([4, 8, 16]))),
         "jps_candidates": ("*.mlp.c_fc.weight", lambda r: "*.mlp.c_fc.weight"),
         # "dense" masks a full gradient; "sparse" computes selected entries only.
-        "jps_update": ("dense", lambda r: "dense"),
+        "jps_update": ("sparse", lambda r: "sparse"),
     }
 
 

@@ -173,9 +173,11 @@ def test_zero_shot_head_unknown_dataset_rejected():
         algorithm_class("JPS")(INPUT_SHAPE, 2, NUM_DOMAINS, hparams)
 
 
-@pytest.mark.parametrize("name", ["JPS", "CLIP_ERM", "CLIP_LinearProbe"])
-def test_update_predict_round_trip(name):
-    algorithm = build(name)
+@pytest.mark.parametrize("name, overrides", [
+    ("JPS", {"jps_update": "sparse"}), ("JPS", {"jps_update": "dense"}),
+    ("CLIP_ERM", {}), ("CLIP_LinearProbe", {})])
+def test_update_predict_round_trip(name, overrides):
+    algorithm = build(name, **overrides)
     steps = make_steps(4)
     losses = [algorithm.update(step)["loss"] for step in steps]
     assert all(loss == loss for loss in losses)
@@ -183,7 +185,7 @@ def test_update_predict_round_trip(name):
     logits = algorithm.predict(x)
     assert logits.shape == (8, NUM_CLASSES)
 
-    restored = build(name, seed=3)
+    restored = build(name, seed=3, **overrides)
     restored.load_state_dict(algorithm.state_dict())
     assert torch.equal(restored.predict(x), logits)
 
