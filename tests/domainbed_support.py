@@ -49,7 +49,8 @@ def run_module(module, *args, cwd=None, timeout=600, env=None):
     """Run ``python -m module args`` in a fresh process; fail with its output."""
     # DomainBed's sweep starts each job as `python -m ...`, found on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    environment = dict(os.environ, PYTHONUNBUFFERED="1", JPS_OFFLINE="1", PATH=path, **(env or {}))
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", JPS_OFFLINE="1", PATH=path)
+    environment.update(env or {})
     result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
                             env=environment, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (
