@@ -75,7 +75,7 @@ class ClassifierHead(nn.Module):
 
 def build_head(clip_model: nn.Module, in_features: int, num_classes: int,
                hparams: Mapping[str, object]) -> ClassifierHead:
-    """Build the head that ``hparams['head_init']`` asks for ("random" or "zeroshot")."""
+    """Build the head that ``hparams['head_init']`` requests ("random" or "zeroshot")."""
     head_init = hparams["head_init"]
     if head_init == "random":
         return ClassifierHead(in_features, num_classes, normalize_features=False)
@@ -147,7 +147,7 @@ class CLIPAlgorithm(Algorithm):
         """Return a checkpoint: head, encoder identity, and what changed.
 
         The encoder is stored whole only when it has no pretrained source
-        (random initialization) or all its weights are trained; otherwise
+        (random initialization) or when all its weights are trained. Otherwise
         its model name, pretrained tag and weights hash identify it.
         """
         if args or kwargs.get("destination") is not None or kwargs.get("prefix"):

@@ -5,7 +5,7 @@ checks, for every job the sweep would run, what would otherwise fail hours
 later or hang:
 
 - the data is where DomainBed will read it (MNIST files, image folders);
-- every environment's in-split holds at least ``batch_size`` examples,
+- every environment's in-split contains at least ``batch_size`` examples,
   because DomainBed's ``InfiniteDataLoader`` never yields otherwise and the
   job spins at full CPU without an error;
 - ``python`` on PATH, which the sweep uses for every job, imports
@@ -90,7 +90,7 @@ def candidate_count(model_name: str, patterns: str) -> Optional[int]:
 
 
 def check_job(algorithm: str, dataset: str, hparams: dict, sizes: Sequence[int],
-              holdout_fraction: float) -> List[str]:
+              holdout_fraction: float, steps: Optional[int] = None) -> List[str]:
     """Return the problems of one job's settings (empty when it can run)."""
     problems = []
     batch_size = int(hparams["batch_size"])
@@ -116,6 +116,11 @@ def check_job(algorithm: str, dataset: str, hparams: dict, sizes: Sequence[int],
             problems.append(
                 f"jps_k={hparams['jps_k']} is larger than the {count} c_fc weights of "
                 f"{hparams['clip_model']}; lower jps_k")
+        selection_batches = int(hparams["jps_selection_batches"])
+        if steps is not None and steps < selection_batches:
+            problems.append(
+                f"--steps {steps} is fewer than jps_selection_batches={selection_batches}, so "
+                "JPS would never select its mask nor train; raise --steps")
     return problems
 
 
@@ -143,7 +148,8 @@ def check_job_interpreter() -> List[str]:
 
 def run_checks(data_dir: str, dataset_names: Sequence[str], algorithm_names: Sequence[str],
                n_hparams_from: int = 0, n_hparams: int = 1, n_trials: int = 1,
-               holdout_fraction: float = 0.2, overrides: Optional[dict] = None) -> List[str]:
+               holdout_fraction: float = 0.2, overrides: Optional[dict] = None,
+               steps: Optional[int] = None) -> List[str]:
     """Return every problem found across the sweep's jobs, without duplicates."""
     problems: Dict[str, None] = dict.fromkeys(check_job_interpreter())
     for dataset in dataset_names:
@@ -156,7 +162,8 @@ def run_checks(data_dir: str, dataset_names: Sequence[str], algorithm_names: Seq
         for algorithm in algorithm_names:
             for hparams_seed, trial_seed, hparams in sweep_hparams(
                     algorithm, dataset, n_hparams_from, n_hparams, n_trials, overrides):
-                for problem in check_job(algorithm, dataset, hparams, sizes, holdout_fraction):
+                for problem in check_job(algorithm, dataset, hparams, sizes, holdout_fraction,
+                                         steps):
                     problems[f"{algorithm} (hparams_seed {hparams_seed}, trial {trial_seed}): "
                              f"{problem}"] = None
     return list(problems)
@@ -176,6 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--n_trials", type=int, default=3)
     parser.add_argument("--holdout_fraction", type=float, default=0.2,
                         help="fraction of each environment held out for validation")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per job (default: the dataset's N_STEPS)")
     parser.add_argument("--hparams", type=str, default=None,
                         help="JSON object of hyperparameters that override the registry's")
     args, unknown = parser.parse_known_args(argv)
@@ -191,7 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"preflight: --hparams is not valid JSON ({error}): {args.hparams}", file=sys.stderr)
             return 1
     problems = run_checks(args.data_dir, args.datasets, args.algorithms, args.n_hparams_from,
-                          args.n_hparams, args.n_trials, args.holdout_fraction, overrides)
+                          args.n_hparams, args.n_trials, args.holdout_fraction, overrides,
+                          args.steps)
     if problems:
         print(f"preflight: {len(problems)} problem(s) found, nothing launched:", file=sys.stderr)
         for problem in problems:

@@ -6,7 +6,7 @@ float32 summation order, at a lower cost:
 
 - Each masked ``nn.Linear`` keeps its dense weight frozen (no gradient) and
   gets a trainable vector ``values`` with one entry per selected weight. Its
-  forward is ``F.linear(x, W, b)`` where ``W`` already holds ``values`` at
+  forward is ``F.linear(x, W, b)`` where ``W`` already contains ``values`` at
   the selected positions; the backward computes
 
       dL/dx       = dL/dy @ W                     (only when x needs it)

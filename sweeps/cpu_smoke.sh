@@ -6,7 +6,7 @@
 # JPS runs on "jps-vit-mini", a 4-block CLIP-architecture ViT with RANDOM
 # weights at 28 px, because pretrained CLIP weights cannot be downloaded on
 # an offline machine; accuracies are therefore near chance after so few
-# steps and say nothing about the method. sweeps/paper_protocol.sh is the
+# steps and tell nothing about the method. sweeps/paper_protocol.sh is the
 # real run (ViT-B/16 with OpenAI weights on a GPU cluster).
 #
 # Settings (environment variables):
@@ -31,7 +31,7 @@ HPARAMS='{"clip_model": "jps-vit-mini", "clip_pretrained": "none", "clip_image_s
 SWEEP_ARGS=(--datasets RotatedMNIST --algorithms JPS ERM --data_dir "$DATA_DIR"
             --n_hparams 1 --n_trials 1)
 
-"$PYTHON" -m jps_domainbed.preflight "${SWEEP_ARGS[@]}" --hparams "$HPARAMS"
+"$PYTHON" -m jps_domainbed.preflight "${SWEEP_ARGS[@]}" --steps "$STEPS" --hparams "$HPARAMS"
 
 "$PYTHON" -m domainbed.scripts.sweep launch "${SWEEP_ARGS[@]}" \
     --output_dir "$OUTPUT_DIR" --command_launcher local --single_test_envs \

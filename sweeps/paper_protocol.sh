@@ -58,7 +58,7 @@ for dataset in $DATASETS; do
     sweep_args=(--datasets "$dataset" --algorithms $ALGORITHMS --data_dir "$DATA_DIR"
                 --n_hparams "$N_HPARAMS" --n_trials "$N_TRIALS")
     if [ "$DRY_RUN" != "1" ]; then
-        "$PYTHON" -m jps_domainbed.preflight "${sweep_args[@]}"
+        "$PYTHON" -m jps_domainbed.preflight "${sweep_args[@]}" --steps "$(steps_for "$dataset")"
     fi
     "$PYTHON" -m domainbed.scripts.sweep launch "${sweep_args[@]}" \
         --output_dir "$OUTPUT_DIR" --command_launcher "$LAUNCHER" \

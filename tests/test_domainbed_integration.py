@@ -154,44 +154,62 @@ def test_dry_run_prints_jobs_without_data(tmp_path):
     assert not (tmp_path / "no-data-here").exists()
 
 
+def preflight(data_dir, *args, hparams=None):
+    """Run the preflight check in a fresh process with the venv's python on PATH."""
+    command = [sys.executable, "-m", "jps_domainbed.preflight", "--data_dir", str(data_dir),
+               "--datasets", "RotatedMNIST", "--n_hparams", "1", "--n_trials", "1", *args]
+    if hparams is not None:
+        command += ["--hparams", json.dumps(hparams)]
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PATH=path))
+
+
+def test_preflight_passes_demo_settings(data_dir):
+    result = preflight(data_dir, "--algorithms", "JPS", "ERM", "--steps", "5", hparams=TINY_HPARAMS)
+    assert result.returncode == 0, result.stderr
+    assert "preflight: OK" in result.stdout
+
+
 def test_preflight_catches_batch_larger_than_split(data_dir):
-    hparams = dict(TINY_HPARAMS, batch_size=4096)
-    result = subprocess.run(
-        [sys.executable, "-m", "jps_domainbed.preflight", "--data_dir", str(data_dir),
-         "--datasets", "RotatedMNIST", "--algorithms", "JPS", "--n_hparams", "1",
-         "--n_trials", "1", "--hparams", json.dumps(hparams)],
-        capture_output=True, text=True, timeout=300)
+    result = preflight(data_dir, "--algorithms", "JPS", hparams=dict(TINY_HPARAMS, batch_size=4096))
     assert result.returncode == 1
     assert "fewer than batch_size=4096" in result.stderr
     assert "Lower batch_size to at most 667" in result.stderr
 
 
 def test_preflight_catches_missing_data(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "jps_domainbed.preflight", "--data_dir", str(tmp_path),
-         "--datasets", "RotatedMNIST", "--algorithms", "JPS", "--n_hparams", "1", "--n_trials", "1"],
-        capture_output=True, text=True, timeout=300)
+    result = preflight(tmp_path, "--algorithms", "JPS")
     assert result.returncode == 1
     assert "python -m jps_domainbed.mnist_data" in result.stderr
 
 
-def test_preflight_catches_k_and_image_size(data_dir):
-    hparams = dict(TINY_HPARAMS, jps_k=10**6)
-    result = subprocess.run(
-        [sys.executable, "-m", "jps_domainbed.preflight", "--data_dir", str(data_dir),
-         "--datasets", "RotatedMNIST", "--algorithms", "JPS", "CLIP_ERM", "--n_hparams", "1",
-         "--n_trials", "1", "--hparams", json.dumps(hparams)],
-        capture_output=True, text=True, timeout=300)
+def test_preflight_catches_jps_settings(data_dir):
+    result = preflight(data_dir, "--algorithms", "JPS", "CLIP_ERM", hparams=dict(TINY_HPARAMS, jps_k=10**6))
     assert result.returncode == 1
     assert "jps_k=1000000 is larger than the 32768 c_fc weights" in result.stderr
 
-    hparams = dict(TINY_HPARAMS, clip_image_size=30)
-    result = subprocess.run(
-        [sys.executable, "-m", "jps_domainbed.preflight", "--data_dir", str(data_dir),
-         "--datasets", "RotatedMNIST", "--algorithms", "CLIP_ERM", "--n_hparams", "1",
-         "--n_trials", "1", "--hparams", json.dumps(hparams)],
-        capture_output=True, text=True, timeout=300)
+    result = preflight(data_dir, "--algorithms", "CLIP_ERM", hparams=dict(TINY_HPARAMS, clip_image_size=30))
+    assert result.returncode == 1
     assert "image_size=30 is not a multiple of the patch size 8" in result.stderr
+
+    result = preflight(data_dir, "--algorithms", "JPS", "--steps", "1", hparams=TINY_HPARAMS)
+    assert result.returncode == 1
+    assert "--steps 1 is fewer than jps_selection_batches=2" in result.stderr
+
+
+def test_preflight_catches_wrong_job_python(data_dir, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "python").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "python").chmod(0o755)
+    command = [sys.executable, "-m", "jps_domainbed.preflight", "--data_dir", str(data_dir),
+               "--datasets", "RotatedMNIST", "--algorithms", "ERM", "--n_hparams", "1",
+               "--n_trials", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}"))
+    assert result.returncode == 1
+    assert f"`python` on PATH ({fake_bin / 'python'}) cannot import DomainBed" in result.stderr
 
 
 @pytest.mark.parametrize("algorithm", ["JPS", "CLIP_ERM", "CLIP_LinearProbe"])
