@@ -13,13 +13,13 @@
 #   PYTHON      interpreter with jps-domainbed and the patched DomainBed
 #   DATA_DIR    DomainBed data folder holding MNIST/raw/ (default: data)
 #   OUTPUT_DIR  sweep folder (default: demo_output/sweep)
-#   STEPS       training steps per job (default: 100)
+#   STEPS       training steps per job (default: 50)
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
 DATA_DIR=${DATA_DIR:-data}
 OUTPUT_DIR=${OUTPUT_DIR:-demo_output/sweep}
-STEPS=${STEPS:-100}
+STEPS=${STEPS:-50}
 export JPS_OFFLINE=1
 # DomainBed's sweep starts every job as `python -m ...`: put $PYTHON's folder first.
 PATH="$(cd "$(dirname "$(command -v "$PYTHON")")" && pwd):$PATH"
