@@ -44,18 +44,28 @@ class _SparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, rows, columns):
-        ctx.save_for_backward(x, weight, rows, columns)
+        # Keep only the input columns the selected entries read, unless a
+        # layer has more selected entries than input features.
+        flat_x = x.reshape(-1, x.shape[-1])
+        if columns.numel() < x.shape[-1]:
+            ctx.save_for_backward(flat_x[:, columns], weight, rows)
+        else:
+            ctx.save_for_backward(flat_x, weight, rows, columns)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, rows, columns = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if len(saved) == 3:
+            selected_x, weight, rows = saved
+        else:
+            flat_x, weight, rows, columns = saved
+            selected_x = flat_x[:, columns]
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_output.matmul(weight)
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
-        flat_x = x.reshape(-1, x.shape[-1])
-        grad_values = (flat_grad[:, rows] * flat_x[:, columns]).sum(dim=0)
+        grad_values = (flat_grad[:, rows] * selected_x).sum(dim=0)
         return grad_x, None, None, grad_values, None, None
 
 

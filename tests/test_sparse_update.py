@@ -45,6 +45,19 @@ def test_sparse_matches_dense(factory):
     torch.testing.assert_close(sparse_head.weight, dense_head.weight, rtol=1e-5, atol=1e-6)
 
 
+def test_sparse_matches_dense_with_many_entries_per_layer():
+    # More selected entries in a layer than its 64 input features takes the
+    # other branch of the backward, which keeps the whole layer input.
+    featurizer, head, _ = build_tiny(seed=0)
+    config = SelectionConfig(k=300, rho=0.3, selection_batches=2)
+    mask = select_mask(featurizer, head, make_domains(), config, show_progress=False)
+    assert max(mask.counts().values()) > 64
+    _, _, dense, _, _ = train("dense", mask=mask)
+    _, _, sparse, _, _ = train("sparse", mask=mask)
+    for name, values in dense.selected_values().items():
+        torch.testing.assert_close(sparse.selected_values()[name], values, rtol=1e-5, atol=1e-6)
+
+
 def test_sparse_keeps_other_entries_bit_identical():
     featurizer, _, _ = build_tiny(seed=0)
     before = {name: param.detach().clone() for name, param in featurizer.named_parameters()}
