@@ -132,6 +132,10 @@ def test_sweep_and_collect_results(data_dir, tmp_path):
     assert rows, result.stdout
     assert any(line.startswith("ERM ") for line in result.stdout.splitlines())
 
+    top = run_module("domainbed.scripts.list_top_hparams", "--input_dir", sweep_dir,
+                     "--dataset", "ColoredMNIST", "--algorithm", "JPS", "--test_env", "0")
+    assert "jps_k" in top.stdout, top.stdout
+
     report_dir = tmp_path / "report"
     run_module("jps_domainbed.report", "--input_dir", sweep_dir, "--output_dir", report_dir)
     markdown = (report_dir / "report.md").read_text()
