@@ -4,7 +4,7 @@ Programmatic use, independent of DomainBed::
 
     from jps_domainbed import SelectionConfig, select_mask, apply_mask
 
-    mask = select_mask(featurizer, head, per_domain_batches, SelectionConfig(k=2000, rho=0.05))
+    mask = select_mask(featurizer, head, per_domain_batches, SelectionConfig(k=2000, rho=0.01))
     optimizer = torch.optim.AdamW([*featurizer.parameters(), *head.parameters()], lr=5e-5)
     masked = apply_mask(featurizer, mask, optimizer)
     # ... ordinary training loop: loss.backward(); optimizer.step()

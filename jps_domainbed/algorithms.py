@@ -28,7 +28,8 @@ except ImportError as error:  # pragma: no cover - exercised only without Domain
         "pinned, patched copy with `python -m jps_domainbed.install_domainbed`") from error
 
 from .class_names import class_names
-from .clip_featurizer import CLIPSpec, build_clip_featurizer, zero_shot_head_weights
+from .clip_featurizer import (CLIPSpec, PretrainedWeightsNotFoundError, build_clip_featurizer,
+                              zero_shot_head_weights)
 from .mask import SparseMask
 from .masked_training import apply_mask, check_values, weights_hash
 from .selection import SelectionConfig, find_candidates, select_mask
@@ -36,6 +37,17 @@ from .selection import SelectionConfig, find_candidates, select_mask
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "jps-domainbed-checkpoint/1"
+
+UPDATE_IMPLEMENTATIONS = ("sparse", "dense")
+
+CLIP_HPARAMS_HINT = (
+    "In DomainBed these come from the hparams clip_model (model name), clip_pretrained "
+    "(pretrained), clip_image_size (image_size), clip_weights_file (weights_file) and "
+    "clip_cache_dir (cache_dir)")
+JPS_HPARAMS_HINT = (
+    "In DomainBed these come from the hparams jps_k (k), jps_rho (rho), jps_variance "
+    "(variance), jps_selection_batches (selection_batches), jps_candidates (candidate "
+    "patterns) and jps_update")
 
 REQUIRED_HPARAMS = ("lr", "weight_decay", "clip_model", "clip_pretrained", "clip_image_size",
                     "head_init")
@@ -52,6 +64,22 @@ def clip_spec_from_hparams(hparams: Mapping[str, object]) -> CLIPSpec:
         weights_file=hparams.get("clip_weights_file") or None,
         cache_dir=hparams.get("clip_cache_dir") or None,
     )
+
+
+def selection_config_from_hparams(hparams: Mapping[str, object]) -> SelectionConfig:
+    """Return the SelectionConfig that the ``jps_*`` hyperparameters describe."""
+    patterns = tuple(pattern.strip() for pattern in str(hparams["jps_candidates"]).split(",")
+                     if pattern.strip())
+    return SelectionConfig(
+        k=int(hparams["jps_k"]), rho=float(hparams["jps_rho"]),
+        candidate_patterns=patterns, variance=str(hparams["jps_variance"]),
+        selection_batches=int(hparams["jps_selection_batches"]))
+
+
+def check_update_implementation(name: str) -> None:
+    """Raise ValueError unless ``name`` is a masked-update implementation."""
+    if name not in UPDATE_IMPLEMENTATIONS:
+        raise ValueError(f"jps_update must be one of {UPDATE_IMPLEMENTATIONS}, got {name!r}")
 
 
 class ClassifierHead(nn.Module):
@@ -110,7 +138,10 @@ class CLIPAlgorithm(Algorithm):
                 "which needs the patched DomainBed")
         self.num_domains = num_domains
         self.spec = clip_spec_from_hparams(hparams)
-        self.featurizer, clip_model = build_clip_featurizer(input_shape, self.spec)
+        try:
+            self.featurizer, clip_model = build_clip_featurizer(input_shape, self.spec)
+        except (ValueError, PretrainedWeightsNotFoundError) as error:
+            raise type(error)(f"{error}. {CLIP_HPARAMS_HINT}") from error
         self.classifier = build_head(clip_model, self.featurizer.n_outputs, num_classes, hparams)
         del clip_model  # the text tower is only needed for the zero-shot head
         self.encoder_hash = weights_hash(self.featurizer)
@@ -241,17 +272,17 @@ class JPS(CLIPAlgorithm):
     def __init__(self, input_shape, num_classes, num_domains, hparams,
                  source_minibatches: Optional[Sequence[Minibatches]] = None):
         super().__init__(input_shape, num_classes, num_domains, hparams)
-        patterns = tuple(pattern.strip() for pattern in str(hparams["jps_candidates"]).split(",")
-                         if pattern.strip())
-        self.selection_config = SelectionConfig(
-            k=int(hparams["jps_k"]), rho=float(hparams["jps_rho"]),
-            candidate_patterns=patterns, variance=str(hparams["jps_variance"]),
-            selection_batches=int(hparams["jps_selection_batches"]))
-        candidates = find_candidates(self.featurizer, patterns)
-        self.selection_config.validate(sum(param.numel() for param in candidates.values()))
-        self.update_implementation = str(hparams.get("jps_update", "dense"))
+        self.update_implementation = str(hparams.get("jps_update", "sparse"))
+        try:
+            self.selection_config = selection_config_from_hparams(hparams)
+            candidates = find_candidates(self.featurizer, self.selection_config.candidate_patterns)
+            self.selection_config.validate(sum(param.numel() for param in candidates.values()))
+            check_update_implementation(self.update_implementation)
+        except ValueError as error:
+            raise ValueError(f"invalid JPS setting: {error}. {JPS_HPARAMS_HINT}") from error
         self.masked = None
         self._pending: List[List[Tuple[torch.Tensor, torch.Tensor]]] = []
+        self._warned_pending = -1
         if source_minibatches is not None:
             self.build_mask(source_minibatches)
 
@@ -299,6 +330,15 @@ class JPS(CLIPAlgorithm):
 
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)
+        if self.masked is None and len(self._pending) != self._warned_pending:
+            # DomainBed saves a checkpoint at step 0 too, so this is normal early on
+            # but means a wasted job when it is the last checkpoint.
+            self._warned_pending = len(self._pending)
+            logger.warning(
+                "JPS checkpoint without a mask: selection needs %d update calls "
+                "(jps_selection_batches) and %d happened, so no weight has trained yet; "
+                "a job that ends here needs more --steps",
+                self.selection_config.selection_batches, len(self._pending))
         if state.get("format") == CHECKPOINT_FORMAT:
             state["mask"] = self.mask.state_dict() if self.mask is not None else None
             state["selected_values"] = (

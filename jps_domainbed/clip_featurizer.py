@@ -125,16 +125,18 @@ def resolve_weights(spec: CLIPSpec) -> Tuple[Optional[str], dict]:
         tag_config = open_clip.get_pretrained_cfg(spec.model_name, pretrained)
         if not tag_config:
             tags = open_clip.list_pretrained_tags_by_model(spec.model_name)
+            close = difflib.get_close_matches(pretrained, tags, n=3)
             raise ValueError(
-                f"unknown pretrained tag {pretrained!r} for {spec.model_name}; "
-                f"known tags: {tags}. Use pretrained='none' for random weights "
-                "or a file path")
+                f"unknown pretrained tag {pretrained!r} for {spec.model_name}; close "
+                f"matches: {close}, known tags: {tags}. Use pretrained='none' for "
+                "random weights or a file path")
 
     if spec.weights_file is not None:
         if not os.path.isfile(spec.weights_file):
             raise PretrainedWeightsNotFoundError(
                 f"weights_file {spec.weights_file!r} for {spec.model_name} "
-                f"(tag {pretrained!r}) does not exist")
+                f"(tag {pretrained!r}) does not exist; give the path of the downloaded "
+                "open_clip checkpoint, or leave it empty to use open_clip's cache")
         return spec.weights_file, tag_config
 
     searched: List[str] = []

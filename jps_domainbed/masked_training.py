@@ -270,13 +270,17 @@ def load_masked_weights(path_or_state, backbone: nn.Module,
             f"a JPS masked-weights file (format {state.get('format')!r}, expected "
             f"{MASKED_WEIGHTS_FORMAT!r})")
     mask = SparseMask.from_state_dict(state["mask"])
-    masked = apply_mask(backbone, mask, optimizer, implementation)
-    if check_hash and masked.base_hash != state["base_hash"]:
-        masked.detach()
+    mask.check_compatible(backbone.named_parameters())
+    # Checked before apply_mask, so a rejected file leaves the backbone and
+    # the optimizer as they were.
+    base_hash = weights_hash(backbone)
+    if check_hash and base_hash != state["base_hash"]:
         raise ValueError(
-            f"the backbone's weights (SHA-256 {masked.base_hash[:12]}...) differ from "
+            f"the backbone's weights (SHA-256 {base_hash[:12]}...) differ from "
             f"those the mask was trained on ({state['base_hash'][:12]}..., "
             f"identity {state.get('identity')}); load the same pretrained weights")
+    check_values(mask, state["values"])
+    masked = apply_mask(backbone, mask, optimizer, implementation)
     masked.load_selected_values(state["values"])
     return masked
 

@@ -89,6 +89,44 @@ def candidate_count(model_name: str, patterns: str) -> Optional[int]:
     return int(vision["layers"]) * hidden * width
 
 
+def check_clip_hparams(dataset: str, hparams: dict) -> List[str]:
+    """Return problems with the encoder, its weights and the head settings."""
+    from .algorithms import clip_spec_from_hparams
+    from .class_names import has_class_names
+    from .clip_featurizer import (PretrainedWeightsNotFoundError, check_image_size,
+                                  resolve_weights)
+
+    problems = []
+    spec = clip_spec_from_hparams(hparams)
+    try:
+        check_image_size(spec.model_name, spec.image_size)
+        # Looks on disk only; it downloads nothing.
+        resolve_weights(spec)
+    except (ValueError, PretrainedWeightsNotFoundError) as error:
+        problems.append(f"{error} (hparams clip_model, clip_pretrained, clip_image_size, "
+                        "clip_weights_file, clip_cache_dir)")
+    head_init = hparams.get("head_init")
+    if head_init not in ("random", "zeroshot"):
+        problems.append(f"head_init must be 'random' or 'zeroshot', got {head_init!r}")
+    elif head_init == "zeroshot" and not has_class_names(dataset):
+        problems.append(f"head_init='zeroshot' needs class names, which are unknown for "
+                        f"{dataset}; set head_init to 'random'")
+    return problems
+
+
+def check_jps_hparams(hparams: dict) -> List[str]:
+    """Return problems with the selection and update settings of JPS."""
+    from .algorithms import check_update_implementation, selection_config_from_hparams
+
+    try:
+        selection_config_from_hparams(hparams).validate()
+        check_update_implementation(str(hparams.get("jps_update", "sparse")))
+    except ValueError as error:
+        return [f"{error} (hparams jps_k, jps_rho, jps_variance, jps_selection_batches, "
+                "jps_candidates, jps_update)"]
+    return []
+
+
 def check_job(algorithm: str, dataset: str, hparams: dict, sizes: Sequence[int],
               holdout_fraction: float, steps: Optional[int] = None) -> List[str]:
     """Return the problems of one job's settings (empty when it can run)."""
@@ -103,14 +141,11 @@ def check_job(algorithm: str, dataset: str, hparams: dict, sizes: Sequence[int],
                 f"InfiniteDataLoader would never yield. Lower batch_size to at most {in_split}")
 
     if algorithm in CLIP_ALGORITHMS:
-        from .clip_featurizer import check_image_size
-
-        try:
-            check_image_size(str(hparams["clip_model"]), int(hparams["clip_image_size"]))
-        except ValueError as error:
-            problems.append(str(error))
+        problems.extend(check_clip_hparams(dataset, hparams))
+        if problems:
             return problems
     if algorithm == "JPS":
+        problems.extend(check_jps_hparams(hparams))
         count = candidate_count(str(hparams["clip_model"]), str(hparams["jps_candidates"]))
         if count is not None and int(hparams["jps_k"]) > count:
             problems.append(
@@ -173,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jps_domainbed.preflight",
         description="Check a DomainBed sweep's data and hyperparameters before launching it. "
-                    "Takes the same options as domainbed.scripts.sweep.")
+                    "Takes the sweep's options; those not listed here are ignored.")
     parser.add_argument("--data_dir", required=True, help="DomainBed data folder")
     parser.add_argument("--datasets", nargs="+", required=True)
     parser.add_argument("--algorithms", nargs="+", required=True)
@@ -184,7 +219,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--holdout_fraction", type=float, default=0.2,
                         help="fraction of each environment held out for validation")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps per job (default: the dataset's N_STEPS)")
+                        help="training steps per job; when given, checks that JPS gets "
+                             "past its selection (not checked when left out)")
     parser.add_argument("--hparams", type=str, default=None,
                         help="JSON object of hyperparameters that override the registry's")
     args, unknown = parser.parse_known_args(argv)

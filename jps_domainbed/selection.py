@@ -50,7 +50,7 @@ class SelectionConfig:
     """
 
     k: int = 2000
-    rho: float = 0.05
+    rho: float = 0.01
     candidate_patterns: Tuple[str, ...] = DEFAULT_CANDIDATE_PATTERNS
     variance: str = "plain"
     selection_batches: int = 8
@@ -238,8 +238,8 @@ def check_finite(gradient: torch.Tensor, domain: str, names: Optional[Sequence[s
             offset += size
     raise NonFiniteGradientError(
         f"the gradient of source domain {domain} has {bad} NaN or infinite "
-        f"entries{where}; check that domain's inputs for NaN and lower the "
-        "learning rate or use fp32 if the model was already trained")
+        f"entries{where}; check that domain's inputs and labels for NaN or "
+        "infinite values, and the encoder weights if they were loaded from a file")
 
 
 def importance_operator(gradients: Sequence[torch.Tensor], rho: float) -> torch.Tensor:
@@ -287,12 +287,15 @@ def find_candidates(module: nn.Module, patterns: Sequence[str]) -> Dict[str, nn.
 
 def domain_gradient(forward: Callable[[torch.Tensor], torch.Tensor],
                     params: Sequence[torch.Tensor], batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-                    domain: str, num_batches: int, progress=None) -> torch.Tensor:
+                    domain: str, num_batches: int, progress=None,
+                    names: Optional[Sequence[str]] = None) -> torch.Tensor:
     """Return the flat gradient of the mean cross-entropy over ``num_batches``.
 
     ``G_d = ∇_W (1/B) Σ_b CE(forward(x_b), y_b)`` with respect to ``params``,
     as one float32 vector (concatenated in order). Raises ValueError for an
-    empty minibatch or a domain with fewer than ``num_batches`` minibatches.
+    empty minibatch or a domain with fewer than ``num_batches`` minibatches,
+    and NonFiniteGradientError naming the domain and the minibatch whose
+    gradient has NaN or infinite entries.
     """
     sizes = [param.numel() for param in params]
     flat = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device)
@@ -306,6 +309,14 @@ def domain_gradient(forward: Callable[[torch.Tensor], torch.Tensor],
                 "every selection minibatch needs at least one example")
         loss = F.cross_entropy(forward(x), y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for position, grad in enumerate(grads):
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                where = names[position] if names is not None else f"candidate tensor {position}"
+                raise NonFiniteGradientError(
+                    f"the gradient of source domain {domain}, minibatch {batch_index}, has NaN "
+                    f"or infinite entries (first in {where}); check that "
+                    "minibatch's inputs and labels for NaN or infinite values, and the "
+                    "encoder weights if they were loaded from a file")
         offset = 0
         for grad, size in zip(grads, sizes):
             if grad is not None:
@@ -362,7 +373,8 @@ def select_mask(backbone: nn.Module, head: Callable[[torch.Tensor], torch.Tensor
             param.requires_grad_(True)
         for name, batches in zip(names, domains):
             gradient = domain_gradient(lambda x: head(backbone(x)), params, batches,
-                                       name, config.selection_batches, progress)
+                                       name, config.selection_batches, progress,
+                                       names=list(candidates))
             check_finite(gradient, name, list(candidates), [p.numel() for p in params])
             selector.add_domain(gradient, name)
             del gradient

@@ -202,6 +202,28 @@ def test_preflight_catches_jps_settings(data_dir):
     assert "--steps 1 is fewer than jps_selection_batches=2" in result.stderr
 
 
+def test_preflight_catches_invalid_hparams(data_dir, monkeypatch):
+    monkeypatch.setenv("JPS_OFFLINE", "1")
+    result = preflight(data_dir, "--algorithms", "JPS",
+                       hparams=dict(TINY_HPARAMS, jps_update="sprase", jps_rho=1.5))
+    assert result.returncode == 1
+    assert "rho must be in (0, 1], got 1.5" in result.stderr
+
+    result = preflight(data_dir, "--algorithms", "JPS", hparams=dict(TINY_HPARAMS, jps_update="sprase"))
+    assert "jps_update must be one of ('sparse', 'dense'), got 'sprase'" in result.stderr
+
+    offline = {key: value for key, value in TINY_HPARAMS.items() if not key.startswith("clip_")}
+    result = preflight(data_dir, "--algorithms", "CLIP_ERM", hparams=offline)
+    assert result.returncode == 1
+    assert "pretrained weights for model 'ViT-B-16' with tag 'openai' were not found" in result.stderr
+
+    result = preflight(data_dir, "--algorithms", "CLIP_ERM",
+                       hparams=dict(TINY_HPARAMS, clip_weights_file="/nonexistent/ViT.pt",
+                                    clip_pretrained="openai", clip_model="ViT-B-16",
+                                    clip_image_size=224))
+    assert "'/nonexistent/ViT.pt'" in result.stderr
+
+
 def test_preflight_catches_wrong_job_python(data_dir, tmp_path):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()

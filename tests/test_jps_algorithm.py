@@ -100,6 +100,26 @@ def test_k_larger_than_candidates_rejected():
         build("JPS", jps_k=50000)
 
 
+def test_invalid_jps_settings_name_hparams():
+    with pytest.raises(ValueError, match="jps_update must be one of .*'sprase'.*jps_update"):
+        build("JPS", jps_update="sprase")
+    with pytest.raises(ValueError, match=r"rho must be in \(0, 1\], got 1.5.*jps_rho \(rho\)"):
+        build("JPS", jps_rho=1.5)
+    with pytest.raises(ValueError, match="unknown open_clip model name 'ViT-B-61'.*hparams clip_model"):
+        build("JPS", clip_model="ViT-B-61")
+
+
+def test_checkpoint_before_selection_warns(caplog):
+    algorithm = build("JPS")
+    algorithm.update(make_steps(1)[0])
+    with caplog.at_level("WARNING", logger="jps_domainbed.algorithms"):
+        state = algorithm.state_dict()
+        algorithm.state_dict()
+    assert state["mask"] is None
+    assert caplog.text.count("JPS checkpoint without a mask") == 1
+    assert "needs 2 update calls (jps_selection_batches) and 1 happened" in caplog.text
+
+
 def test_missing_hparams_rejected():
     hparams = tiny_hparams("JPS", "VLCS")
     del hparams["clip_model"]

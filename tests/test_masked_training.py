@@ -91,7 +91,7 @@ def test_nan_gradient_names_domain(tiny):
     featurizer, head, _ = tiny
     domains = make_domains()
     domains[2][1][0][0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteGradientError, match="source domain sketch"):
+    with pytest.raises(NonFiniteGradientError, match="source domain sketch, minibatch 1,"):
         select_mask(featurizer, head, domains, CONFIG, domain_names=["art", "photo", "sketch"],
                     show_progress=False)
 
@@ -191,9 +191,16 @@ def test_load_onto_other_weights_rejected(tmp_path, tiny):
     masked = apply_mask(featurizer, select(featurizer, head))
     path = tmp_path / "mask.pt"
     save_masked_weights(path, masked)
-    other, _, _ = build_tiny(seed=7)
+    other, other_head, _ = build_tiny(seed=7)
+    optimizer = torch.optim.AdamW(list(other.parameters()) + list(other_head.parameters()))
+    groups_before = [list(group["params"]) for group in optimizer.param_groups]
     with pytest.raises(ValueError, match="differ from those the mask was trained on"):
-        load_masked_weights(path, other)
+        load_masked_weights(path, other, optimizer, implementation="sparse")
+
+    # A rejected file changes nothing: no frozen parameter, no rewritten optimizer.
+    assert all(param.requires_grad for param in other.parameters())
+    assert [list(group["params"]) for group in optimizer.param_groups] == groups_before
+    assert all("forward" not in module.__dict__ for module in other.modules())
 
 
 def test_mask_for_other_model_rejected(tiny):
