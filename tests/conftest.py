@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from jps_domainbed import install_domainbed
 from jps_domainbed.clip_featurizer import CLIPSpec, build_clip_featurizer
 
 TINY_MODEL = "jps-vit-tiny"
@@ -40,3 +41,17 @@ def tiny():
 def _quiet_open_clip():
     logging.getLogger().setLevel(logging.WARNING)
     yield
+
+
+@pytest.fixture(scope="session")
+def pristine_tree(tmp_path_factory):
+    """A pristine DomainBed tree of the pinned commit; tests must not modify it."""
+    try:
+        source, _ = install_domainbed.resolve_source(None, no_network=True)
+    except install_domainbed.InstallError:
+        pytest.skip(
+            "No DomainBed source: ${} is unset and the cache archive {} is "
+            "missing. Run `make domainbed` or set ${}.".format(
+                install_domainbed.SOURCE_ENV_VAR, install_domainbed.cache_archive_path(),
+                install_domainbed.SOURCE_ENV_VAR))
+    return install_domainbed.stage_pristine_tree(source, tmp_path_factory.mktemp("pristine"))

@@ -31,21 +31,6 @@ SEEDS_TO_COMPARE = [0, 1, 12345]
 # Fixtures and helpers
 
 
-@pytest.fixture(scope="session")
-def pristine_tree(tmp_path_factory):
-    """A pristine DomainBed tree of the pinned commit; tests must not modify it."""
-    try:
-        source, _ = install_domainbed.resolve_source(None, no_network=True)
-    except install_domainbed.InstallError:
-        pytest.skip(
-            "No DomainBed source: ${} is unset and the cache archive {} is "
-            "missing. Run `make domainbed` or set ${}.".format(
-                install_domainbed.SOURCE_ENV_VAR, install_domainbed.cache_archive_path(),
-                install_domainbed.SOURCE_ENV_VAR))
-    staging_dir = tmp_path_factory.mktemp("pristine")
-    return install_domainbed.stage_pristine_tree(source, staging_dir)
-
-
 @pytest.fixture
 def tree_copy(pristine_tree, tmp_path):
     """A writable copy of the pristine tree."""

@@ -23,20 +23,6 @@ from jps_domainbed.install_domainbed import ARCHIVE_TOP_FOLDER, PTH_FILENAME
 
 
 @pytest.fixture(scope="session")
-def pristine_tree(tmp_path_factory):
-    """A pristine tree from $JPS_DOMAINBED_SOURCE or the real cache; read-only."""
-    try:
-        source, _ = install_domainbed.resolve_source(None, no_network=True)
-    except install_domainbed.InstallError:
-        pytest.skip(
-            "No DomainBed source: ${} is unset and the cache archive {} is "
-            "missing. Run `make domainbed` or set ${}.".format(
-                install_domainbed.SOURCE_ENV_VAR, install_domainbed.cache_archive_path(),
-                install_domainbed.SOURCE_ENV_VAR))
-    return install_domainbed.stage_pristine_tree(source, tmp_path_factory.mktemp("pristine"))
-
-
-@pytest.fixture(scope="session")
 def pristine_archive(pristine_tree, tmp_path_factory):
     """A .tar.gz laid out like GitHub's archive: DomainBed-<commit>/domainbed/..."""
     archive_path = tmp_path_factory.mktemp("archive") / "DomainBed.tar.gz"
