@@ -39,11 +39,13 @@ class MaskedUpdate:
 
     implementation = "abstract"
 
-    def __init__(self, backbone: nn.Module, mask: SparseMask):
+    def __init__(self, backbone: nn.Module, mask: SparseMask, base_hash: Optional[str] = None):
         mask.check_compatible(backbone.named_parameters())
         self.backbone = backbone
         self.mask = mask
-        self.base_hash = weights_hash(backbone)
+        # Hashing a ViT-B/16 reads 344 MB, so a caller that already has the
+        # hash of the pretrained weights passes it in.
+        self.base_hash = base_hash if base_hash is not None else weights_hash(backbone)
         self._hook_handles: List[object] = []
 
     def parameters(self) -> List[torch.Tensor]:
@@ -100,8 +102,8 @@ class DenseMaskedUpdate(MaskedUpdate):
 
     implementation = "dense"
 
-    def __init__(self, backbone: nn.Module, mask: SparseMask):
-        super().__init__(backbone, mask)
+    def __init__(self, backbone: nn.Module, mask: SparseMask, base_hash: Optional[str] = None):
+        super().__init__(backbone, mask, base_hash)
         named = dict(backbone.named_parameters())
         self._masked: Dict[str, nn.Parameter] = {
             name: named[name] for name in mask.selected_names()}
@@ -163,15 +165,17 @@ IMPLEMENTATIONS = {"dense": DenseMaskedUpdate}
 
 def apply_mask(backbone: nn.Module, mask: SparseMask,
                optimizer: Optional[torch.optim.Optimizer] = None,
-               implementation: str = "dense") -> MaskedUpdate:
+               implementation: str = "dense", base_hash: Optional[str] = None) -> MaskedUpdate:
     """Restrict training of ``backbone`` to the entries selected by ``mask``.
 
     Every backbone parameter stops requiring a gradient, except the tensors
-    that carry selected entries. When ``optimizer`` is given its parameter
-    groups are rewritten: backbone parameters are removed or replaced by the
-    tensors of ``MaskedUpdate.parameters()`` (added as a new group if the
-    optimizer had none of them), and any other parameter, such as a
-    classifier head, is kept. Call it before the optimizer's first step.
+    that carry selected entries. When ``optimizer`` is given, its parameter
+    groups are rewritten. Backbone parameters are removed or replaced by the
+    tensors of ``MaskedUpdate.parameters()``, which form a new group if the
+    optimizer had none of them. Any other parameter, such as a classifier
+    head, is kept. Call it before the optimizer's first step.
+    ``base_hash`` is the ``weights_hash`` of the pretrained backbone when the
+    caller has it already; otherwise it is computed here.
 
     Raises ValueError when the mask does not fit the backbone, the optimizer
     already holds state for backbone parameters, or ``implementation`` is
@@ -183,7 +187,7 @@ def apply_mask(backbone: nn.Module, mask: SparseMask,
         raise ValueError(
             f"unknown masked-update implementation {implementation!r}; "
             f"choose one of {sorted(IMPLEMENTATIONS)}")
-    masked = IMPLEMENTATIONS[implementation](backbone, mask)
+    masked = IMPLEMENTATIONS[implementation](backbone, mask, base_hash)
     if optimizer is not None:
         masked.attach(optimizer)
     logger.info("masked update (%s): %d selected weights in %d tensors",
@@ -233,7 +237,7 @@ MASKED_WEIGHTS_FORMAT = "jps-masked-weights/1"
 def save_masked_weights(path, masked: MaskedUpdate, identity: Optional[Mapping[str, object]] = None) -> None:
     """Save the mask, the selected entries' values and the base-weights hash.
 
-    The file holds kilobytes for a few thousand weights: the frozen weights
+    The file takes kilobytes for a few thousand weights, because the frozen weights
     are identified by ``masked.base_hash`` (and ``identity``, such as the
     model name and pretrained tag), not stored.
     """
@@ -280,7 +284,7 @@ def load_masked_weights(path_or_state, backbone: nn.Module,
             f"those the mask was trained on ({state['base_hash'][:12]}..., "
             f"identity {state.get('identity')}); load the same pretrained weights")
     check_values(mask, state["values"])
-    masked = apply_mask(backbone, mask, optimizer, implementation)
+    masked = apply_mask(backbone, mask, optimizer, implementation, base_hash=base_hash)
     masked.load_selected_values(state["values"])
     return masked
 

@@ -1,6 +1,6 @@
 """Joint parameter selection: choose a sparse mask from per-domain gradients.
 
-The selection math works on plain flat tensors and knows nothing of CLIP or
+The selection math works on plain flat tensors and does not depend on CLIP or
 DomainBed. ``select_mask`` adds the part that touches a model: it computes one
 source domain's gradient at a time and feeds it to ``JointSelector``, so the
 memory cost is one domain's gradient plus statistics over the entries that
@@ -220,26 +220,16 @@ class JointSelector:
         return smallest_k(self.scores(), survivors, self.k)
 
 
-def check_finite(gradient: torch.Tensor, domain: str, names: Optional[Sequence[str]] = None,
-                 sizes: Optional[Sequence[int]] = None) -> None:
-    """Raise NonFiniteGradientError naming the domain (and parameter) if needed."""
+def check_finite(gradient: torch.Tensor, domain: str) -> None:
+    """Raise NonFiniteGradientError naming the domain if ``gradient`` has NaN or inf."""
     finite = torch.isfinite(gradient)
     if bool(finite.all()):
         return
     bad = int((~finite).sum())
-    where = ""
-    if names is not None and sizes is not None:
-        first = int(torch.nonzero(~finite)[0])
-        offset = 0
-        for name, size in zip(names, sizes):
-            if first < offset + size:
-                where = f", first in {name}"
-                break
-            offset += size
     raise NonFiniteGradientError(
         f"the gradient of source domain {domain} has {bad} NaN or infinite "
-        f"entries{where}; check that domain's inputs and labels for NaN or "
-        "infinite values, and the encoder weights if they were loaded from a file")
+        "entries; check that domain's inputs and labels for NaN or infinite values, "
+        "and the encoder weights if they were loaded from a file")
 
 
 def importance_operator(gradients: Sequence[torch.Tensor], rho: float) -> torch.Tensor:
@@ -375,7 +365,6 @@ def select_mask(backbone: nn.Module, head: Callable[[torch.Tensor], torch.Tensor
             gradient = domain_gradient(lambda x: head(backbone(x)), params, batches,
                                        name, config.selection_batches, progress,
                                        names=list(candidates))
-            check_finite(gradient, name, list(candidates), [p.numel() for p in params])
             selector.add_domain(gradient, name)
             del gradient
     finally:

@@ -16,7 +16,7 @@ float32 summation order, at a lower cost:
   (out x in) weight gradient is formed.
 - Transformer blocks below the lowest block that holds a selected weight run
   under ``torch.no_grad()``, so backpropagation stops there.
-- The optimizer holds ``values`` instead of the dense weights, so its state
+- The optimizer updates ``values`` instead of the dense weights, so its state
   grows with k, not with the encoder.
 
 After every optimizer step (a step post-hook) the new ``values`` are written
@@ -74,14 +74,15 @@ class SparseMaskedUpdate(MaskedUpdate):
 
     implementation = "sparse"
 
-    def __init__(self, backbone: nn.Module, mask: SparseMask):
-        super().__init__(backbone, mask)
+    def __init__(self, backbone: nn.Module, mask: SparseMask, base_hash: Optional[str] = None):
+        super().__init__(backbone, mask, base_hash)
         modules = dict(backbone.named_modules())
         named = dict(backbone.named_parameters())
         self._weights: Dict[str, nn.Parameter] = {}
         self._values: Dict[str, nn.Parameter] = {}
         self._rows: Dict[str, torch.Tensor] = {}
         self._columns: Dict[str, torch.Tensor] = {}
+        self._index: Dict[str, torch.Tensor] = {}
         self._original_forwards: Dict[str, object] = {}
 
         for param in backbone.parameters():
@@ -100,6 +101,7 @@ class SparseMaskedUpdate(MaskedUpdate):
             self._weights[name] = weight
             self._rows[name] = rows.to(weight.device)
             self._columns[name] = columns.to(weight.device)
+            self._index[name] = index
             self._values[name] = nn.Parameter(weight.detach().view(-1)[index].clone())
             self._original_forwards[module_name] = module.__dict__.get("forward")
             module.forward = self._make_forward(module, name)
@@ -116,6 +118,7 @@ class SparseMaskedUpdate(MaskedUpdate):
                 values.data = values.data.to(weight.device)
                 self._rows[name] = self._rows[name].to(weight.device)
                 self._columns[name] = self._columns[name].to(weight.device)
+                self._index[name] = self._index[name].to(weight.device)
             return _SparseLinearFunction.apply(x, weight, module.bias, values,
                                                self._rows[name], self._columns[name])
         return forward
@@ -152,9 +155,9 @@ class SparseMaskedUpdate(MaskedUpdate):
     @torch.no_grad()
     def write_values(self) -> None:
         """Copy the trained values into the dense weights at the selected entries."""
+        # Runs after every optimizer step, so the indices stay on the weights' device.
         for name, values in self._values.items():
-            weight = self._weights[name]
-            weight.view(-1)[self.mask.indices[name].to(weight.device)] = values.to(weight)
+            self._weights[name].view(-1)[self._index[name]] = values
 
     def selected_values(self) -> Dict[str, torch.Tensor]:
         return {name: values.detach().clone() for name, values in self._values.items()}
