@@ -218,6 +218,8 @@ class CLIPAlgorithm(Algorithm):
                 f"checkpoint encoder {saved_model!r} differs from this algorithm's "
                 f"{self.spec.model_name!r}; build it with the checkpoint's hparams")
 
+        # Every check runs before the first weight is written.
+        self.check_extra_state(state_dict)
         if state_dict["encoder"] is not None:
             self.featurizer.load_state_dict(state_dict["encoder"], strict=strict)
         elif state_dict["encoder_hash"] != self.encoder_hash:
@@ -229,6 +231,9 @@ class CLIPAlgorithm(Algorithm):
         self.classifier.load_state_dict(state_dict["head"], strict=strict)
         self.load_extra_state(state_dict)
         return nn.modules.module._IncompatibleKeys([], [])
+
+    def check_extra_state(self, state_dict) -> None:
+        """Raise ValueError if what a subclass adds to the checkpoint cannot be loaded."""
 
     def load_extra_state(self, state_dict) -> None:
         """Load what a subclass adds to the checkpoint."""
@@ -314,7 +319,8 @@ class JPS(CLIPAlgorithm):
 
     def _restrict_to_mask(self, mask: SparseMask) -> None:
         self.masked = apply_mask(self.featurizer, mask, self.optimizer,
-                                 implementation=self.update_implementation)
+                                 implementation=self.update_implementation,
+                                 base_hash=self.encoder_hash)
 
     def update(self, minibatches: Minibatches, unlabeled=None) -> Dict[str, float]:
         if self.masked is None:
@@ -346,14 +352,20 @@ class JPS(CLIPAlgorithm):
                 if self.masked is not None else None)
         return state
 
-    def load_extra_state(self, state_dict) -> None:
+    def check_extra_state(self, state_dict) -> None:
         if state_dict.get("mask") is None:
             return
         mask = SparseMask.from_state_dict(state_dict["mask"])
-        if self.masked is None:
-            self._restrict_to_mask(mask)
-        elif not self.masked.mask.equals(mask):
-            raise ValueError("this JPS already has a different mask; load into a new JPS")
+        if self.masked is not None and not self.masked.mask.equals(mask):
+            raise ValueError("this JPS already has a different mask; load the checkpoint "
+                             "into a new JPS")
         if state_dict["encoder"] is None:
             check_values(mask, state_dict["selected_values"])
+
+    def load_extra_state(self, state_dict) -> None:
+        if state_dict.get("mask") is None:
+            return
+        if self.masked is None:
+            self._restrict_to_mask(SparseMask.from_state_dict(state_dict["mask"]))
+        if state_dict["encoder"] is None:
             self.masked.load_selected_values(state_dict["selected_values"])

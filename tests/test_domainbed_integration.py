@@ -139,7 +139,8 @@ def test_sweep_and_collect_results(data_dir, tmp_path):
     report_dir = tmp_path / "report"
     run_module("jps_domainbed.report", "--input_dir", sweep_dir, "--output_dir", report_dir)
     markdown = (report_dir / "report.md").read_text()
-    assert "JPS" in markdown and "ColoredMNIST" in markdown
+    assert "JPS" in markdown
+    assert "ColoredMNIST" in markdown
     assert (report_dir / "report.tex").stat().st_size > 0
     assert (report_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -211,6 +212,10 @@ def test_preflight_catches_invalid_hparams(data_dir, monkeypatch):
 
     result = preflight(data_dir, "--algorithms", "JPS", hparams=dict(TINY_HPARAMS, jps_update="sprase"))
     assert "jps_update must be one of ('sparse', 'dense'), got 'sprase'" in result.stderr
+
+    result = preflight(data_dir, "--algorithms", "CLIP_LinearProbe", hparams=dict(TINY_HPARAMS, head_init="bogus"))
+    assert result.returncode == 1
+    assert "head_init must be 'random' or 'zeroshot', got 'bogus'" in result.stderr
 
     offline = {key: value for key, value in TINY_HPARAMS.items() if not key.startswith("clip_")}
     result = preflight(data_dir, "--algorithms", "CLIP_ERM", hparams=offline)

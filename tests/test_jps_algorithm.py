@@ -120,6 +120,32 @@ def test_checkpoint_before_selection_warns(caplog):
     assert "needs 2 update calls (jps_selection_batches) and 1 happened" in caplog.text
 
 
+def test_build_mask_bad_steps_rejected():
+    algorithm = build("JPS")
+    with pytest.raises(ValueError, match="needs 2 minibatches per source domain .*got 1"):
+        algorithm.build_mask(make_steps(1))
+    steps = make_steps(2)
+    steps[1] = steps[1][:2]
+    with pytest.raises(ValueError, match="selection step 1 has 2 minibatches, one per source domain"):
+        algorithm.build_mask(steps)
+    algorithm.build_mask(make_steps(2))
+    with pytest.raises(RuntimeError, match="already built"):
+        algorithm.build_mask(make_steps(2))
+
+
+def test_checkpoint_with_other_mask_rejected():
+    first = build("JPS")
+    first.build_mask(make_steps(2, seed=0))
+    second = build("JPS")
+    second.build_mask(make_steps(2, seed=9))
+    assert not first.mask.equals(second.mask)
+    before = {name: param.clone() for name, param in second.featurizer.named_parameters()}
+    with pytest.raises(ValueError, match="already has a different mask; load the checkpoint into a new JPS"):
+        second.load_state_dict(first.state_dict())
+    for name, param in second.featurizer.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
 def test_missing_hparams_rejected():
     hparams = tiny_hparams("JPS", "VLCS")
     del hparams["clip_model"]
@@ -155,6 +181,7 @@ def test_checkpoint_with_pretrained_file_is_small(tmp_path):
         algorithm.update(step)
     state = algorithm.state_dict()
     assert state["encoder"] is None
+    assert algorithm.masked.base_hash == algorithm.encoder_hash
     path = tmp_path / "model.pkl"
     torch.save({"model_dict": state}, path)
     assert path.stat().st_size < 30_000
