@@ -39,7 +39,7 @@ class PretrainedWeightsNotFoundError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class CLIPSpec:
-    """Which CLIP encoder to build.
+    """Description of the CLIP encoder to build and where its weights come from.
 
     model_name: an open_clip architecture, such as "ViT-B-16".
     pretrained: an open_clip pretrained tag ("openai"), a path to a weights

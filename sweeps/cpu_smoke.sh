@@ -5,7 +5,7 @@
 #
 # JPS runs on "jps-vit-mini", a 4-block CLIP-architecture ViT with RANDOM
 # weights at 28 px, because pretrained CLIP weights cannot be downloaded on
-# an offline machine; accuracies are therefore near chance after so few
+# an offline machine. Its accuracies are therefore near chance after so few
 # steps and tell nothing about the method. sweeps/paper_protocol.sh is the
 # real run (ViT-B/16 with OpenAI weights on a GPU cluster).
 #

@@ -110,7 +110,8 @@ def test_missing_tag_weights_offline_explains(tmp_path):
     with pytest.raises(PretrainedWeightsNotFoundError) as error:
         resolve_weights(spec)
     message = str(error.value)
-    assert "'ViT-B-16'" in message and "'openai'" in message
+    assert "'ViT-B-16'" in message
+    assert "'openai'" in message
     assert str(tmp_path) in message
     assert "weights_file" in message
 
