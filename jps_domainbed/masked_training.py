@@ -178,7 +178,7 @@ def apply_mask(backbone: nn.Module, mask: SparseMask,
     caller has it already; otherwise it is computed here.
 
     Raises ValueError when the mask does not fit the backbone, the optimizer
-    already holds state for backbone parameters, or ``implementation`` is
+    already has state for backbone parameters, or ``implementation`` is
     unknown.
     """
     if implementation not in IMPLEMENTATIONS:

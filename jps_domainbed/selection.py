@@ -1,10 +1,10 @@
 """Joint parameter selection: choose a sparse mask from per-domain gradients.
 
 The selection math works on plain flat tensors and does not depend on CLIP or
-DomainBed. ``select_mask`` adds the part that touches a model: it computes one
-source domain's gradient at a time and feeds it to ``JointSelector``, so the
-memory cost is one domain's gradient plus statistics over the entries that
-are still in the running, whatever the number of source domains.
+DomainBed. ``select_mask`` adds the part that touches a model. It computes one
+source domain's gradient at a time and feeds it to ``JointSelector``. The
+memory cost is therefore one domain's gradient plus statistics over the
+entries that are still in the running, whatever the number of source domains.
 """
 
 from __future__ import annotations
@@ -237,8 +237,8 @@ def importance_operator(gradients: Sequence[torch.Tensor], rho: float) -> torch.
     keep = None
     for domain, gradient in enumerate(gradients):
         check_finite(gradient.flatten(), f"#{domain}")
-        kept = top_fraction_mask(gradient.flatten().abs(), rho)
-        keep = kept if keep is None else keep & kept
+        domain_keep = top_fraction_mask(gradient.flatten().abs(), rho)
+        keep = domain_keep if keep is None else keep & domain_keep
     if keep is None:
         raise ValueError("importance_operator needs at least one source domain gradient")
     return keep

@@ -20,8 +20,8 @@ float32 summation order, at a lower cost:
   grows with k, not with the encoder.
 
 After every optimizer step (a step post-hook) the new ``values`` are written
-into ``W``; no other entry of ``W`` is ever written, so non-selected entries
-stay bit-identical to their pretrained values.
+into ``W``. No other entry of ``W`` is written, so non-selected entries stay
+bit-identical to their pretrained values.
 """
 
 from __future__ import annotations
